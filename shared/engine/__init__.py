@@ -9,8 +9,9 @@ from __future__ import annotations
 _LAZY = {
     "EngineConfig": "shared.engine.config",
     "LLMEngine": "shared.engine.engine",
-    "RequestOutput": "shared.engine.engine",
-    "KVExport": "shared.engine.engine",
+    "RequestOutput": "shared.engine.outputs",
+    "KVExport": "shared.engine.kv_handoff",
+    "ImageFeatures": "shared.engine.multimodal",
     "MMInput": "shared.engine.sequence",
     "SamplingParams": "shared.engine.sampling_params",
 }

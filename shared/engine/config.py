@@ -38,6 +38,8 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "longest prompt + output (default: model's, capped at 8192)")
     num_threads: int | None = _opt(None, "torch intra-op threads (default: leave torch's)")
     seed: int = _opt(0, "seed of the engine RNG that draws per-request seeds")
+    max_images_per_request: int = _opt(16, "most images in one request (multimodal models)")
+    mm_cache_gb: float = _opt(0.25, "image embedding LRU cache size in GiB (multimodal models)")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.model, str) and bool(self.model), "model", "must be a folder path")
@@ -55,6 +57,9 @@ class EngineConfig:
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         _require(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative int")
+        _require(isinstance(self.max_images_per_request, int) and self.max_images_per_request >= 0,
+                 "max_images_per_request", "must be a non-negative int")
+        _require(self.mm_cache_gb >= 0, "mm_cache_gb", "must be >= 0")
 
     @property
     def device_kind(self) -> str:

@@ -5,21 +5,19 @@
         prefix-cache commit) -> fork n>1 children -> sample -> append token, stop checks
         -> one RequestOutput delta per sequence that got a token
 
-Stage API for disaggregated serving (P and D in different processes):
-    P: add_request(..., prefill_only=True); step() returns the first token(s) and PARKS the
-       request (blocks pinned); export_kv(); release().
-    D: missing_blocks(hashes) -> import_kv(..., kv) (kv=None: recompute locally) -> step() ...
+Stage API for disaggregated serving (E, P and D in different processes):
+    E: encode_images(images) -> [ImageFeatures(hash, embeds)] (LRU-cached by content hash)
+    P: add_request(..., mm_inputs=features, prefill_only=True); step() returns the first
+       token(s) and PARKS the request (blocks pinned); export_kv(); release().
+    D: missing_blocks(hashes) -> import_kv(..., kv, mm_inputs=features) (kv=None: recompute
+       locally, which needs the features) -> step() ...
+Images: multimodal.py. Text / stop state: outputs.py. K/V hand-off: kv_handoff.py.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import torch
 
 from shared.engine.block_manager import BlockManager
 from shared.engine.config import EngineConfig
@@ -30,70 +28,23 @@ from shared.engine.errors import (
     PromptTooLongError,
     UnknownRequestError,
 )
+from shared.engine.image_encoder import ImageEncoder
 from shared.engine.kv_cache import KVCache
+from shared.engine.kv_handoff import KVExport, kv_matches, read_kv, write_imported
 from shared.engine.loader import load_hf_config, load_model
 from shared.engine.model_runner import ModelRunner
+from shared.engine.multimodal import ImageFeatures, MMInputs, admit
+from shared.engine.outputs import (
+    RequestOutput,
+    check_stop,
+    eos_token_ids,
+    load_tokenizer,
+    make_output,
+    make_output_state,
+)
 from shared.engine.sampling_params import SamplingParams
 from shared.engine.scheduler import Scheduler
-from shared.engine.sequence import (
-    ONLINE,
-    PRIORITIES,
-    MMInput,
-    RequestGroup,
-    Sequence,
-    SequenceStatus,
-)
-
-
-@dataclass
-class RequestOutput:
-    """What one sequence produced in one step (a delta, never the whole state)."""
-
-    request_id: str
-    seq_index: int
-    new_token_ids: list[int]
-    new_text: str                  # "" without a tokenizer; stop strings cut, held back while partial
-    finished: bool
-    finish_reason: str | None      # "stop" | "length" | "abort"
-    token_index: int               # output index of new_token_ids[0] (for dedupe / gap checks)
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    logprobs: list[float | None] | None = None                      # when params.logprobs
-    top_logprobs: list[list[tuple[int, float]] | None] | None = None  # when params.top_logprobs
-
-
-@dataclass
-class KVExport:
-    """K/V of a prompt, named by block hashes. `k`, `v`: `[num_layers, nb, block_size, n_kv,
-    head_dim]` for the blocks listed in `block_indices` (None: all of block_hashes, in order).
-    The last hash names a partial block when num_tokens % block_size != 0 (never cached)."""
-
-    block_hashes: list[str]
-    num_tokens: int
-    block_size: int
-    k: torch.Tensor
-    v: torch.Tensor
-    block_indices: list[int] | None = None
-
-
-class _OutState:
-    """Per-sequence text state: incremental detokenizer, stop matcher, chars emitted."""
-
-    __slots__ = ("detok", "matcher", "emitted")
-
-    def __init__(self, detok=None, matcher=None):
-        self.detok, self.matcher, self.emitted = detok, matcher, 0
-
-
-def _config_eos(hf_config, folder: str) -> set[int]:
-    ids: set[int] = set()
-    cands = [getattr(hf_config, "eos_token_id", None)]
-    gen = Path(folder) / "generation_config.json"
-    if gen.is_file():
-        cands.append(json.loads(gen.read_text()).get("eos_token_id"))
-    for eos in cands:
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
-    return ids
+from shared.engine.sequence import ONLINE, PRIORITIES, RequestGroup, Sequence, SequenceStatus
 
 
 class LLMEngine:
@@ -108,7 +59,7 @@ class LLMEngine:
         set_num_threads(config.num_threads)
         self.device, self.dtype = resolve_device(config.device), resolve_dtype(config.dtype)
         self.hf_config = load_hf_config(config.model)
-        self.max_model_len = config.resolve_max_model_len(self.hf_config.max_position_embeddings)
+        self.max_model_len = config.resolve_max_model_len(self.hf_config.get_text_config().max_position_embeddings)
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: must be >= max_model_len ({self.max_model_len}) "
                              "when chunked prefill is disabled")
@@ -121,41 +72,47 @@ class LLMEngine:
         self.block_manager = BlockManager(self.num_kv_blocks, bs, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        if tokenizer is None and (Path(config.model) / "tokenizer.json").is_file():
-            try:
-                from shared.engine.tokenizer import Tokenizer
-            except ImportError:  # tokenizer module not available: ids only
-                Tokenizer = None
-            tokenizer = Tokenizer.from_folder(config.model) if Tokenizer else None
-        self.tokenizer = tokenizer or None
+        self.tokenizer = (load_tokenizer(config.model) if tokenizer is None else tokenizer) or None
         self.vocab_size = m.vocab_size
-        eos = set(self.tokenizer.eos_token_ids) if self.tokenizer is not None else set()
-        self.eos_token_ids = frozenset(eos or _config_eos(self.hf_config, config.model))
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.hf_config, config.model)
         if sampler is None:
             from shared.engine.sampler import Sampler
 
             sampler = Sampler(self.vocab_size, sorted(self.eos_token_ids))
         self.runner = ModelRunner(m, self.kv_cache, sampler, self.dtype, self.device)
+        self.image_encoder = ImageEncoder.for_model(m, config)  # None: a text-only model
         self._groups: dict[str, RequestGroup] = {}
         self._rng = random.Random(config.seed)
         self._last_step_s = 0.0
 
     # --- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    mm_inputs: list[MMInput] | None = None, priority: str = ONLINE,
-                    arrival_time: float | None = None, prefill_only: bool = False) -> None:
+                    images: list | None = None, mm_inputs: MMInputs | None = None,
+                    priority: str = ONLINE, arrival_time: float | None = None,
+                    prefill_only: bool = False) -> None:
         """Queue a request; later step() calls produce its n sequences' tokens.
 
+        Images: `images` (encoded here) or `mm_inputs` (ImageFeatures from encode_images, or
+        positioned MMInputs); see multimodal.admit for prompt expansion.
         Raises (and queues nothing) InvalidRequestError with `param` naming the field (empty
-        prompt, ids out of vocab, duplicate id, bad params / priority / mm_inputs, stop strings
-        without a tokenizer), PromptTooLongError (prompt + max_tokens > max_model_len),
+        prompt, ids out of vocab, duplicate id, bad params / priority / mm_inputs, bad images or
+        image / image-token count mismatch ("image"), stop strings without a tokenizer),
+        PromptTooLongError (prompt + max_tokens > max_model_len, counted after expansion),
         OutOfBlocksError (cannot fit the KV cache even alone). n > 1 samples share the prompt
         K/V (forked when its prefill samples). The seed is params.seed or drawn from the engine
         RNG and kept on the sequences. `prefill_only`: park after the first token (export_kv)."""
-        seqs = self._new_seqs(request_id, prompt_token_ids, params, None, mm_inputs, priority,
-                              arrival_time, prefill_only)
+        seqs = self._new_seqs(request_id, prompt_token_ids, params, None, images, mm_inputs,
+                              priority, arrival_time, prefill_only)
         self._groups[request_id] = RequestGroup(request_id, seqs, unforked=seqs[1:])
         self.scheduler.add(seqs[0])
+
+    def encode_images(self, images: list) -> list[ImageFeatures]:
+        """The E stage: one ImageFeatures(hash, embeds [n_tokens, hidden]) per image (bytes, PIL
+        or pixel tensor [3, H, W]); vision tower batched over images not in the LRU cache.
+        InvalidRequestError(param="image"): bad / too many images, or a text-only model."""
+        if self.image_encoder is None:
+            raise InvalidRequestError("this model does not accept images", param="image")
+        return self.image_encoder.encode(images)
 
     def abort(self, request_id: str) -> list[RequestOutput]:
         """Finish the request's unfinished sequences with reason "abort", free all its blocks
@@ -167,7 +124,7 @@ class LLMEngine:
         for s in group.seqs:
             if not s.is_finished:
                 s.status, s.finish_reason = SequenceStatus.FINISHED, "abort"
-                outs.append(self._output(s, [], "", None, None))
+                outs.append(make_output(s, [], "", None, None))
             self.scheduler.remove(s)
         return outs
 
@@ -222,12 +179,12 @@ class LLMEngine:
 
     def _on_token(self, seq: Sequence, tok: int, lp, top) -> RequestOutput:
         seq.append_token(tok)
-        text = self._check_stop(seq, tok)
+        text = check_stop(seq, tok, self.eos_token_ids, self.max_model_len)
         if seq.is_finished and not seq.prefill_only:
             self.scheduler.remove(seq)
         elif not seq.is_finished and seq.prefill_only:
             seq.status = SequenceStatus.PARKED
-        return self._output(seq, [tok], text, lp, top)
+        return make_output(seq, [tok], text, lp, top)
 
     def _settle(self, group: RequestGroup) -> None:
         """After a group sampled: park a prefill-only parent (blocks pinned); forget finished
@@ -239,45 +196,8 @@ class LLMEngine:
             del self._groups[group.request_id]
             self.block_manager.free(parent)
 
-    def _check_stop(self, seq: Sequence, tok: int) -> str:
-        """Stop conditions for the token just appended (marks seq finished); returns new text.
-        Text that may still become a stop string is held back until it cannot."""
-        p, st, n_out = seq.params, seq.out_state, seq.num_output_tokens
-        can_stop, reason, cut = n_out >= p.min_tokens, None, None
-        if st.detok is not None:
-            delta = st.detok.add(tok)
-            if st.matcher is not None and can_stop:
-                cut = st.matcher.check(st.detok.text, len(delta))
-        if cut is not None:
-            reason = "stop"
-        elif can_stop and ((tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids):
-            reason = "stop"
-        elif n_out >= p.max_tokens or len(seq.token_ids) >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
-        if st.detok is None:
-            return ""
-        if reason is not None and cut is None:
-            tail = st.detok.flush()
-            if st.matcher is not None and can_stop:
-                cut = st.matcher.check(st.detok.text, len(tail))
-        text = st.detok.text if cut is None else st.detok.text[:cut]
-        limit = len(text)
-        if reason is None and st.matcher is not None:
-            limit -= st.matcher.holdback(text)
-        new, st.emitted = text[st.emitted:limit], max(st.emitted, limit)
-        return new
-
-    def _output(self, seq: Sequence, toks: list[int], text: str, lp, top) -> RequestOutput:
-        p = seq.params
-        return RequestOutput(
-            seq.request_id, seq.seq_index, toks, text, seq.is_finished, seq.finish_reason,
-            seq.num_output_tokens - len(toks), seq.num_prompt_tokens, seq.num_cached_tokens,
-            [lp] * bool(toks) if p.logprobs else None, [top] * bool(toks) if p.top_logprobs else None)
-
     # --- validation ----------------------------------------------------------------------
-    def _new_seqs(self, request_id, prompt, params, seed, mm_inputs, priority, arrival,
+    def _new_seqs(self, request_id, prompt, params, seed, images, mm_inputs, priority, arrival,
                   prefill_only) -> list[Sequence]:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string", param="request_id")
@@ -288,6 +208,7 @@ class LLMEngine:
         if priority not in PRIORITIES:
             raise InvalidRequestError(f"priority must be one of {PRIORITIES}", param="priority")
         self._check_ids(prompt, "prompt")
+        prompt, mm_inputs = admit(self.image_encoder, prompt, images, mm_inputs, self.model.hidden_size)
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise PromptTooLongError(
@@ -298,18 +219,13 @@ class LLMEngine:
             raise OutOfBlocksError(f"{total} tokens need more than the {self.num_kv_blocks} KV blocks")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop strings need a tokenizer", param="stop")
-        for mm in mm_inputs or []:
-            if not (0 <= mm.offset and mm.end <= len(prompt) and mm.embeds is not None
-                    and tuple(mm.embeds.shape) == (mm.length, self.model.hidden_size)):
-                raise InvalidRequestError("mm_inputs must lie inside the prompt with embeds "
-                                          "[length, hidden]", param="mm_inputs")
         seed = seed if seed is not None else params.seed
         seed = seed if seed is not None else self._rng.randrange(2**63)
         arrival = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, i, list(prompt), len(prompt), params, seed, priority, arrival,
-                         list(mm_inputs or []), prefill_only) for i in range(params.n)]
+                         list(mm_inputs), prefill_only) for i in range(params.n)]
         for s in seqs:
-            s.out_state = self._out_state(s)
+            s.out_state = make_output_state(self.tokenizer, s)
         return seqs
 
     def _check_ids(self, ids, param: str) -> None:
@@ -318,22 +234,7 @@ class LLMEngine:
         if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
             raise InvalidRequestError(f"{param} has token ids outside [0, {self.vocab_size})", param=param)
 
-    def _out_state(self, seq: Sequence) -> _OutState:
-        if self.tokenizer is None:
-            return _OutState()
-        from shared.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-
-        p = seq.params
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, skip_special_tokens=p.skip_special_tokens)
-        return _OutState(detok, StopStringMatcher(p.stop, p.include_stop_str_in_output) if p.stop else None)
-
     # --- stage API: K/V hand-off ---------------------------------------------------------
-    def _prompt_hashes(self, seq: Sequence) -> list[str]:
-        n = seq.num_prompt_tokens
-        hashes = self.block_manager.block_hashes(seq, n // self.config.block_size)
-        partial = self.block_manager.partial_block_hash(seq, n)
-        return hashes + ([partial] if partial else [])
-
     def missing_blocks(self, block_hashes: list[str]) -> list[int]:
         """Indices of the blocks this engine does not hold: fetch only those for import_kv."""
         return self.block_manager.missing_blocks(block_hashes)
@@ -347,38 +248,34 @@ class LLMEngine:
         seq = group.seqs[0]
         if not seq.block_table or seq.num_computed_tokens < seq.num_prompt_tokens:
             raise InvalidRequestError(f"prompt K/V of {request_id!r} is not computed here", param="request_id")
-        hashes = self._prompt_hashes(seq)
-        idx = list(range(len(hashes))) if block_indices is None else list(block_indices)
-        k, v = self.kv_cache.read_blocks([seq.block_table[i] for i in idx])
-        return KVExport(hashes, seq.num_prompt_tokens, self.config.block_size, k, v,
-                        None if block_indices is None else idx)
+        return read_kv(self.block_manager, self.kv_cache, seq, block_indices)
 
     def import_kv(self, request_id: str, prompt_token_ids: list[int], first_token_ids: list[int],
                   params: SamplingParams, kv: KVExport | None, seed: int, *,
-                  mm_inputs: list[MMInput] | None = None, priority: str = ONLINE,
-                  arrival_time: float | None = None) -> None:
+                  images: list | None = None, mm_inputs: MMInputs | None = None,
+                  priority: str = ONLINE, arrival_time: float | None = None) -> None:
         """Continue a request prefilled elsewhere: one first token per sample (already
         reported by the prefill stage, not reported again). Blocks cached here under the
         same hash are reused; the others are written from `kv`, which must carry them (see
         missing_blocks). With kv=None, or too few free blocks, or blocks missing from kv, the
-        prompt is recomputed here instead: same tokens either way. Raises like add_request,
-        plus InvalidRequestError(param="kv") when kv does not match the prompt."""
+        prompt is recomputed here instead: same tokens either way. Images as in add_request,
+        the same as P's (they name the blocks; recompute and preemption need their embeds).
+        Raises like add_request, plus InvalidRequestError(param="kv") if kv does not match."""
         self._check_ids(first_token_ids, "first_token_ids")
         if isinstance(params, SamplingParams) and len(first_token_ids) != params.n:
             raise InvalidRequestError("need one first token per sample (n)", param="first_token_ids")
-        seqs = self._new_seqs(request_id, prompt_token_ids, params, seed, mm_inputs, priority,
+        seqs = self._new_seqs(request_id, prompt_token_ids, params, seed, images, mm_inputs, priority,
                               arrival_time, False)
         parent = seqs[0]
-        if kv is not None and (kv.block_size != self.config.block_size or kv.num_tokens != len(prompt_token_ids)
-                               or list(kv.block_hashes) != self._prompt_hashes(parent)):
+        if kv is not None and not kv_matches(self.block_manager, parent, kv):
             raise InvalidRequestError("kv does not match the prompt (tokens, images or block size)", param="kv")
         for s, tok in zip(seqs, first_token_ids, strict=True):
             s.append_token(tok)
-            self._check_stop(s, tok)  # replays text / stop state; the output was sent by P
+            check_stop(s, tok, self.eos_token_ids, self.max_model_len)  # replays text / stop state
         if all(s.is_finished for s in seqs):
             return
         self._groups[request_id] = RequestGroup(request_id, seqs)
-        if kv is None or not self._import_blocks(parent, kv):
+        if kv is None or not write_imported(self.block_manager, self.kv_cache, parent, kv):
             for s in seqs:
                 if not s.is_finished:
                     self.scheduler.add(s)
@@ -390,20 +287,6 @@ class LLMEngine:
             self.block_manager.free(parent)
         else:
             self.scheduler.add_running(parent)
-
-    def _import_blocks(self, seq: Sequence, kv: KVExport) -> bool:
-        missing = self.block_manager.allocate_for_import(seq, kv.block_hashes, kv.num_tokens)
-        if missing is None:
-            return False
-        have = {b: j for j, b in enumerate(kv.block_indices if kv.block_indices is not None
-                                           else range(len(kv.block_hashes)))}
-        if any(i not in have for i in missing):  # evicted here since missing_blocks was asked
-            self.block_manager.free(seq)
-            return False
-        sel = torch.tensor([have[i] for i in missing], dtype=torch.long)
-        self.kv_cache.write_blocks([seq.block_table[i] for i in missing],
-                                   kv.k.index_select(1, sel), kv.v.index_select(1, sel))
-        return True
 
     # --- introspection -------------------------------------------------------------------
     def has_unfinished(self) -> bool:
@@ -430,14 +313,14 @@ class LLMEngine:
         self.block_manager.check_integrity(live)
 
     def stats(self) -> dict:
-        return {
-            "running": self.scheduler.num_running,
-            "waiting": self.scheduler.num_waiting,
-            "parked": sum(1 for g in self._groups.values() if g.seqs[0].status is SequenceStatus.PARKED),
-            "free_blocks": self.block_manager.num_free_blocks,
-            "cached_free_blocks": self.block_manager.num_cached_free_blocks,
-            "num_blocks": self.num_kv_blocks,
-            "last_step_s": self._last_step_s,
+        """Queue and block counts, last step time, and image cache counters (mm_cache_*)."""
+        mm = self.image_encoder.stats() if self.image_encoder is not None else {}
+        bm, parked = self.block_manager, SequenceStatus.PARKED
+        return mm | {
+            "running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+            "parked": sum(1 for g in self._groups.values() if g.seqs[0].status is parked),
+            "free_blocks": bm.num_free_blocks, "cached_free_blocks": bm.num_cached_free_blocks,
+            "num_blocks": self.num_kv_blocks, "last_step_s": self._last_step_s,
         }
 
     def model_parameters(self):

@@ -164,3 +164,45 @@ def assert_all_free(engine) -> None:
 @pytest.fixture
 def all_free():
     return assert_all_free
+
+
+class LlavaOracle:
+    """The tiny LLaVA folder and its transformers reference (float32, PIL processor).
+
+    inputs(text, images) -> processor outputs (`<image>` expanded); greedy(text, images, n) ->
+    (expanded prompt ids, generate(do_sample=False) tokens); logits(ids, images, start, n) ->
+    float32 logits at positions [start, start + n) of the prompt `ids` fed with `images`."""
+
+    def __init__(self, path: str):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        self.path = path
+        self.processor = AutoProcessor.from_pretrained(path, backend="pil")
+        self.hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.image_token_id = self.hf.config.image_token_id
+
+    def inputs(self, text: str, images: list):
+        return self.processor(images=images or None, text=text, return_tensors="pt")
+
+    def greedy(self, text: str, images: list, n: int) -> tuple[list[int], list[int]]:
+        inputs = self.inputs(text, images)
+        with torch.no_grad():
+            out = self.hf.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)
+        ids = inputs["input_ids"][0].tolist()
+        return ids, out[0, len(ids):].tolist()
+
+    def logits(self, ids: list[int], images: list, start: int, n: int) -> torch.Tensor:
+        kw = {"pixel_values": self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+              } if images else {}
+        with torch.no_grad():
+            out = self.hf(input_ids=torch.tensor([ids]), **kw)
+        return out.logits[0, start:start + n].float()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory) -> LlavaOracle:
+    """make_tiny("llava") built once per session, with its transformers oracle."""
+    from shared.engine.tiny import make_tiny
+
+    return LlavaOracle(str(make_tiny("llava", tmp_path_factory.mktemp("tiny-llava") / "llava")))

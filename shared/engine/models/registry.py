@@ -2,8 +2,23 @@
 
 A model class follows the contract documented on `LlamaForCausalLM` (flat-batch forward,
 paged KV cache binding, `map_weight_name` for checkpoint names, KV geometry attributes).
-Multimodal models register here too: their class wraps a language model built from
-`config.text_config` and adds the vision tower; see the commented entries.
+
+Multimodal models wrap a language model built from `config.text_config` and add
+`encode_images(pixel_values, **processor_outputs) -> list of [n_tokens_i, hidden]` and
+`image_token_id`. LLaVA (`models/llava.py`) is the first. Qwen2-VL / Qwen2.5-VL slot in as:
+
+  - vision: a dynamic-resolution tower fed the processor's flattened patches plus
+    `image_grid_thw`; it returns one tensor per image whose length (t * h * w / merge**2)
+    varies per image. The engine's image path (`multimodal.py`) already takes every length
+    from the returned tensors, so `<|image_pad|>` expansion and MMInput ranges need nothing new.
+  - positions: M-RoPE needs `[3, T]` positions (temporal, height, width) instead of `[T]`.
+    The model gets a `positions(seq, start, end)` hook that the runner calls when present
+    (a sequence's rope deltas are computed once from its MMInput ranges and grids and kept
+    with its mm inputs); the text model swaps `self.rotary` for a sectioned M-RoPE table
+    (see `models/llama.py`). Masks, slots and the KV cache never read positions.
+  - decode positions continue from the last M-RoPE position + 1 (the stored rope delta),
+    not from the token index, so the hook covers decode steps too.
+  - weights: `model.visual.*` -> vision tower, `model.language_model.*` / `lm_head.*` -> text.
 """
 
 from __future__ import annotations
@@ -22,7 +37,7 @@ class UnsupportedModelError(InvalidRequestError):
 _ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "shared.engine.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "shared.engine.models.llama:Qwen2ForCausalLM",
-    # "LlavaForConditionalGeneration": "shared.engine.models.llava:LlavaForConditionalGeneration",
+    "LlavaForConditionalGeneration": "shared.engine.models.llava:LlavaForConditionalGeneration",
     # "Qwen2VLForConditionalGeneration": "shared.engine.models.qwen2_vl:Qwen2VLForConditionalGeneration",
 }
 
