@@ -97,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     beng.add_argument("--model", default="smollm2", help="model name or folder [default: smollm2]")
     beng.add_argument("--state-dir", default=".state")
     beng.add_argument("--batches", default="1,16,64", help="batch sizes [default: 1,16,64]")
-    beng.add_argument("--dtypes", default="float32,bfloat16", help="dtypes [default: float32,bfloat16]")
+    beng.add_argument("--dtypes", default="float32,bfloat16",
+                      help="dtypes; int8 = bf16 activations with int8 weights [default: float32,bfloat16]")
     beng.add_argument("--engines", default="epd,transformers,llamacpp",
                       help="engines to run [default: epd,transformers,llamacpp (skipped if not installed)]")
     beng.add_argument("--prompt-len", type=int, default=32)
     beng.add_argument("--gen-len", type=int, default=64)
     beng.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     beng.add_argument("--out", help="also write the JSON here")
+    beng.add_argument("--profile", help="write torch.profiler op tables of decode steps and prefill to this folder")
     return p
 
 
@@ -164,7 +166,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         spec = BenchSpec(model=str(resolve_model(args.model, Path(args.state_dir))),
                          batches=csv(args.batches, int), dtypes=csv(args.dtypes), engines=csv(args.engines),
-                         prompt_len=args.prompt_len, gen_len=args.gen_len,
+                         prompt_len=args.prompt_len, gen_len=args.gen_len, profile=args.profile,
                          **({"threads": args.threads} if args.threads else {}))
         bench_engine(spec, Path(args.out) if args.out else None)
         return 0

@@ -5,6 +5,11 @@ also a fraction of what the hardware allows.
 Each (engine, dtype) runs in its own spawned process so peak RSS is its own and one engine's
 caches never help another. Prompts are random token ids (no special tokens) of a fixed length;
 every engine generates exactly `gen_len` tokens (EOS ignored).
+
+dtype "int8" is our engine in bfloat16 with int8 weight-only quantization (quant.py); other
+engines skip it and its ratios are against transformers bfloat16. `profile` (or env
+EPD_BENCH_PROFILE=folder) writes a torch.profiler op table of 4 decode steps per batch size
+and of the prefill to `folder/epd-<dtype>-<what>.txt`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class BenchSpec:
     prefill_len: int = 512
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     seed: int = 0
+    profile: str | None = field(default_factory=lambda: os.environ.get("EPD_BENCH_PROFILE") or None)
 
 
 def _prompts(vocab: int, n: int, length: int, seed: int) -> list[list[int]]:
@@ -91,9 +97,11 @@ def _run_epd(spec: BenchSpec, dtype: str) -> dict:
     torch.set_num_threads(spec.threads)
     max_b = max(spec.batches)
     need = max_b * (spec.prompt_len + spec.gen_len) + spec.prefill_batch * spec.prefill_len
-    engine = LLMEngine(EngineConfig(model=spec.model, dtype=dtype, num_kv_blocks=need // 16 + 64,
-                                    max_num_seqs=max(max_b, spec.prefill_batch),
-                                    max_num_batched_tokens=max(2048, spec.prefill_len), enable_prefix_caching=False))
+    quant = "int8" if dtype == "int8" else "none"
+    engine = LLMEngine(EngineConfig(model=spec.model, dtype="bfloat16" if quant != "none" else dtype,
+                                    num_kv_blocks=need // 16 + 64, max_num_seqs=max(max_b, spec.prefill_batch),
+                                    max_num_batched_tokens=max(2048, spec.prefill_len), enable_prefix_caching=False,
+                                    weight_quant=quant))
     vocab = engine.vocab_size
     params = SamplingParams(temperature=0.0, max_tokens=spec.gen_len, ignore_eos=True)
     rows = {}
@@ -112,24 +120,51 @@ def _run_epd(spec: BenchSpec, dtype: str) -> dict:
             n_out += sum(len(o.new_token_ids) for o in outs)
             if first is None and n_out:
                 first = time.perf_counter()
+                if prof_name:  # after the first (prefill) step: profile a few decode steps
+                    _profile(spec, f"epd-{dtype}-{prof_name}", lambda: [engine.step() for _ in range(4)])
         return t0, first, time.perf_counter(), n_out
 
+    prof_name = None
     run(_prompts(vocab, 2, spec.prompt_len, 99), params)  # warm-up
     for b in spec.batches:
         t0, first, end, n_out = run(_prompts(vocab, b, spec.prompt_len, spec.seed), params)
+        if spec.profile:  # a second, untimed run that profiles its decode steps
+            prof_name = f"decode-b{b}"
+            run(_prompts(vocab, b, spec.prompt_len, spec.seed + 1), params)
+            prof_name = None
         rows[b] = {"output_tok_s": round(n_out / (end - t0), 1),
                    "tpot_ms": round((end - first) / max(spec.gen_len - 1, 1) * 1e3, 2),
                    "ttft_ms": round((first - t0) * 1e3, 1)}
     t0, _, end, _ = run(_prompts(vocab, spec.prefill_batch, spec.prefill_len, 7), SamplingParams(
         temperature=0.0, max_tokens=1, ignore_eos=True))
     prefill = round(spec.prefill_batch * spec.prefill_len / (end - t0), 1)
-    return {"batches": rows, "prefill_tok_s": prefill, "peak_rss_mb": _peak_rss_mb(),
-            "n_params": sum(p.numel() for p in engine.model_parameters())}
+    if spec.profile:
+        _profile(spec, f"epd-{dtype}-prefill", lambda: run(_prompts(vocab, spec.prefill_batch, spec.prefill_len, 8),
+                                                          SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)))
+    n_params = sum(p.numel() for p in engine.model_parameters())
+    if quant != "none":  # quantized weights are buffers; the tied embedding is a parameter once
+        n_params = sum(m.qweight.numel() for m in engine.model.modules() if hasattr(m, "qweight"))
+        n_params += engine.model.model.embed_tokens.weight.numel() * (not engine.model.tie_word_embeddings)
+    return {"batches": rows, "prefill_tok_s": prefill, "peak_rss_mb": _peak_rss_mb(), "n_params": n_params}
+
+
+def _profile(spec: BenchSpec, name: str, fn) -> None:
+    """Run fn under torch.profiler; write the op table (self CPU time) to spec.profile/name.txt."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    folder = Path(spec.profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.txt").write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
 
 
 def _run_transformers(spec: BenchSpec, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
+
+    if dtype == "int8":
+        return {"skipped": "int8 is an epd-only mode (compare with bfloat16)"}
 
     torch.set_num_threads(spec.threads)
     model = AutoModelForCausalLM.from_pretrained(spec.model, dtype=getattr(torch, dtype)).eval()
@@ -215,7 +250,8 @@ def run_bench(spec: BenchSpec) -> dict:
         for dtype, engines in report["results"].items():
             limits = {b: model_limits(roof, n_params, dtype, b) for b in spec.batches}
             report["results"][dtype]["roofline_tok_s"] = {b: round(v, 1) for b, v in limits.items()}
-            base = engines.get("transformers", {}).get("batches", {})
+            base_dt = "bfloat16" if dtype == "int8" else dtype
+            base = report["results"].get(base_dt, {}).get("transformers", {}).get("batches", {})
             for name, res in engines.items():
                 for b, row in res.get("batches", {}).items() if isinstance(res, dict) else ():
                     row["fraction_of_roofline"] = round(row["output_tok_s"] / limits[b], 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_QUANTS = ("none", "int8")
 _DEVICE_KINDS = ("cpu", "cuda", "npu")
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 
@@ -38,6 +39,8 @@ class EngineConfig:
     max_model_len: int | None = _opt(None, "longest prompt + output (default: model's, capped at 8192)")
     num_threads: int | None = _opt(None, "torch intra-op threads (default: leave torch's)")
     seed: int = _opt(0, "seed of the engine RNG that draws per-request seeds")
+    weight_quant: str = _opt("none", "weight-only quantization of the linear layers (int8: per-channel "
+                             "scales, bf16 matmuls; changes numerics)", WEIGHT_QUANTS)
     max_images_per_request: int = _opt(16, "most images in one request (multimodal models)")
     mm_cache_gb: float = _opt(0.25, "image embedding LRU cache size in GiB (multimodal models)")
 
@@ -57,6 +60,7 @@ class EngineConfig:
         _require(self.max_model_len is None or self.max_model_len >= 2, "max_model_len", "must be >= 2")
         _require(self.num_threads is None or self.num_threads >= 1, "num_threads", "must be >= 1")
         _require(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative int")
+        _require(self.weight_quant in WEIGHT_QUANTS, "weight_quant", f"must be one of {WEIGHT_QUANTS}")
         _require(isinstance(self.max_images_per_request, int) and self.max_images_per_request >= 0,
                  "max_images_per_request", "must be a non-negative int")
         _require(self.mm_cache_gb >= 0, "mm_cache_gb", "must be >= 0")

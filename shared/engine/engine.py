@@ -63,7 +63,8 @@ class LLMEngine:
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens: must be >= max_model_len ({self.max_model_len}) "
                              "when chunked prefill is disabled")
-        self.model = m = load_model(config.model, self.dtype, self.device, self.max_model_len, self.hf_config)
+        self.model = m = load_model(config.model, self.dtype, self.device, self.max_model_len, self.hf_config,
+                                    weight_quant=config.weight_quant)
         bs = config.block_size
         self.num_kv_blocks = config.resolve_num_kv_blocks(
             KVCache.bytes_per_block(m.num_layers, bs, m.num_kv_heads, m.head_dim, self.dtype))

@@ -58,8 +58,9 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max_len: int,
-               hf_config=None) -> torch.nn.Module:
-    """Build the registered model class for the folder and load its weights (eval, no grad).
+               hf_config=None, weight_quant: str = "none") -> torch.nn.Module:
+    """Build the registered model class for the folder and load its weights (eval, no grad);
+    `weight_quant` != "none" then quantizes the linear layers (shared.engine.quant).
 
     Raises ModelLoadError (missing files, missing/unexpected/mis-shaped tensors) or
     UnsupportedModelError (unknown architecture)."""
@@ -109,4 +110,8 @@ def load_model(folder: str | Path, dtype: torch.dtype, device: torch.device, max
     model.load_state_dict(state, strict=False, assign=True)
     model.requires_grad_(False)
     model.init_runtime(max_len, dtype, device)
+    if weight_quant != "none":
+        from shared.engine.quant import quantize_model
+
+        quantize_model(model, weight_quant)
     return model.eval()
