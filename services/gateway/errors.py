@@ -14,7 +14,7 @@ from shared.logging import get_logger
 
 log = get_logger("gateway")
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "internal_error", 503: "service_unavailable"}
 
@@ -28,10 +28,14 @@ class APIError(Exception):
         self.code = code
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+def error_object(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body, as sent in a response or inside a failed SSE stream."""
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
-    return web.json_response(body, status=status)
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> web.Response:
+    return web.json_response(error_object(status, message, param, code), status=status)
 
 
 @web.middleware
