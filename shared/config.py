@@ -132,7 +132,8 @@ def default_state_dir() -> str:
     return os.environ.get("EPD_STATE_DIR") or str(Path.cwd() / ".state")
 
 
-def _require(cond: bool, name: str, msg: str) -> None:
+def require(cond: bool, name: str, msg: str) -> None:
+    """Raise ValueError('<name>: <msg>') unless `cond`: how every config names a bad field."""
     if not cond:
         raise ValueError(f"{name}: {msg}")
 
@@ -152,12 +153,12 @@ class ServiceConfig:
     max_deliver: int = opt(5, "deliveries before a work message is dead-lettered")
 
     def __post_init__(self) -> None:
-        _require(all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in self.nats_url.split(",")),
+        require(all(u.strip().startswith(("nats://", "tls://", "ws://", "wss://")) for u in self.nats_url.split(",")),
                  "nats_url", f"must be nats:// URL(s), got {self.nats_url!r}")
-        _require(0 <= self.http_port < 65536, "http_port", "must be in [0, 65535]")
-        _require(self.js_replicas in (1, 3, 5), "js_replicas", "must be 1, 3 or 5")
-        _require(self.ack_wait_s >= 1, "ack_wait_s", "must be >= 1")
-        _require(self.max_deliver >= 1, "max_deliver", "must be >= 1")
+        require(0 <= self.http_port < 65536, "http_port", "must be in [0, 65535]")
+        require(self.js_replicas in (1, 3, 5), "js_replicas", "must be 1, 3 or 5")
+        require(self.ack_wait_s >= 1, "ack_wait_s", "must be >= 1")
+        require(self.max_deliver >= 1, "max_deliver", "must be >= 1")
 
     @property
     def nats_servers(self) -> list[str]:
@@ -176,8 +177,8 @@ class GatewayConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.max_body_mb > 0, "max_body_mb", "must be > 0")
-        _require(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
+        require(self.max_body_mb > 0, "max_body_mb", "must be > 0")
+        require(self.request_timeout_s > 0, "request_timeout_s", "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -193,10 +194,10 @@ class WorkerConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
-        _require(self.threads >= 0, "threads", "must be >= 0")
-        _require(self.max_batch >= 1, "max_batch", "must be >= 1")
-        _require(self.device.split(":")[0] in ("cpu", "cuda", "npu"), "device", f"unknown device {self.device!r}")
+        require(self.heartbeat_s > 0, "heartbeat_s", "must be > 0")
+        require(self.threads >= 0, "threads", "must be >= 0")
+        require(self.max_batch >= 1, "max_batch", "must be >= 1")
+        require(self.device.split(":")[0] in ("cpu", "cuda", "npu"), "device", f"unknown device {self.device!r}")
 
     @property
     def resolved_worker_id(self) -> str:
@@ -212,8 +213,8 @@ class SchedulerConfig(ServiceConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0")
-        _require(self.interval_s > 0, "interval_s", "must be > 0")
+        require(self.heartbeat_timeout_s > 0, "heartbeat_timeout_s", "must be > 0")
+        require(self.interval_s > 0, "interval_s", "must be > 0")
         _ = self.layout_counts  # parses, so a bad layout fails here
 
     @property
@@ -253,9 +254,9 @@ class UpConfig(ServiceConfig):
     def __post_init__(self) -> None:
         if self.nats_url:
             super().__post_init__()
-        _require(0 <= self.nats_port < 65536, "nats_port", "must be in [0, 65535]")
+        require(0 <= self.nats_port < 65536, "nats_port", "must be in [0, 65535]")
         for name in ("workers", "encode_workers", "prefill_workers", "decode_workers"):
-            _require(getattr(self, name) >= 1, name, "must be >= 1")
+            require(getattr(self, name) >= 1, name, "must be >= 1")
 
     @property
     def worker_roles(self) -> list[str]:

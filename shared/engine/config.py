@@ -7,21 +7,15 @@ the same names on the command line and in `EPD_*` env vars. Values that depend o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from shared.config import opt as _opt
+from shared.config import require as _require
 
 DTYPES = ("float32", "bfloat16", "float16")
 WEIGHT_QUANTS = ("none", "int8")
 _DEVICE_KINDS = ("cpu", "cuda", "npu")
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
-
-
-def _opt(default, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-def _require(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
 
 
 @dataclass(frozen=True)
