@@ -145,6 +145,27 @@ def hf_greedy(tiny):
 
 
 @pytest.fixture
+def check_logits(tiny):
+    """check_logits(engine, name, prompt, n): run greedy with logits captured and compare every
+    step's logits with transformers' (float32, atol = rtol = 1e-4)."""
+    from shared.engine.sampling_params import SamplingParams
+
+    def check(engine, name: str, prompt: list[int], n: int) -> None:
+        engine.runner.capture_logits = True
+        engine.add_request("logits", prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+        rows, toks = [], []
+        while engine.has_unfinished():
+            outs = engine.step()
+            rows.append(engine.runner.last_logits[0].float().cpu())
+            toks += outs[0].new_token_ids
+        with torch.no_grad():
+            ref = tiny.hf(name)(torch.tensor([prompt + toks])).logits[0, len(prompt) - 1: len(prompt) + n - 1]
+        torch.testing.assert_close(torch.stack(rows), ref.float(), atol=1e-4, rtol=1e-4)
+
+    return check
+
+
+@pytest.fixture
 def prompt():
     def make(length: int, seed: int = 0) -> list[int]:
         g = torch.Generator().manual_seed(seed)

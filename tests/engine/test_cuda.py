@@ -27,19 +27,9 @@ def test_greedy_on_cuda_matches_transformers(name, make_engine, drain, hf_greedy
     all_free(e)
 
 
-def test_cuda_logits_match_transformers(tiny, make_engine, prompt, all_free):
+def test_cuda_logits_match_transformers(make_engine, prompt, check_logits, all_free):
     e = make_engine("qwen2", device="cuda")
-    e.runner.capture_logits = True
-    p, n = prompt(19, seed=2), 8
-    e.add_request("a", p, greedy(n))
-    rows, toks = [], []
-    while e.has_unfinished():
-        outs = e.step()
-        rows.append(e.runner.last_logits[0].float().cpu())
-        toks += outs[0].new_token_ids
-    with torch.no_grad():
-        ref = tiny.hf("qwen2")(torch.tensor([p + toks])).logits[0, len(p) - 1: len(p) + n - 1]
-    torch.testing.assert_close(torch.stack(rows), ref.float(), atol=1e-4, rtol=1e-4)
+    check_logits(e, "qwen2", prompt(19, seed=2), 8)
     all_free(e)
 
 

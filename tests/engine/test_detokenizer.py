@@ -9,14 +9,9 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from shared.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from tests.engine.corpus import MULTILINGUAL
 
-CORPUS = [
-    "Hello world! The quick brown fox jumps over the lazy dog. Numbers: 0123456789.",
-    "Grüße aus München: café, naïve, déjà vu, señor, Ærøskøbing.",
-    "你好，世界。我爱自然语言处理。こんにちは世界。안녕하세요 세계.",
-    "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم. שלום עולם.",
-    "Emoji: 🙂🚀🎉👍🏽 👨‍👩‍👧 ✨ — “quotes” and ‘single’ … done.",
-] * 4
+CORPUS = MULTILINGUAL * 4
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MIXED = st.one_of(st.sampled_from(list("ab ,.\nüé你世🙂👍\U0001F3FDßñ")),
                   st.characters(exclude_categories=("Cs",), exclude_characters="\ufffd"))

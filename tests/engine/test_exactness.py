@@ -25,19 +25,9 @@ def test_greedy_matches_transformers(name, make_engine, drain, hf_greedy, prompt
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3", "yarn", "qwen2"])
-def test_logits_match_transformers(name, tiny, make_engine, prompt, all_free):
+def test_logits_match_transformers(name, make_engine, prompt, check_logits, all_free):
     e = make_engine(name)
-    e.runner.capture_logits = True
-    p, n = prompt(19, seed=2), 12
-    e.add_request("a", p, greedy(n))
-    rows, toks = [], []
-    while e.has_unfinished():
-        outs = e.step()
-        rows.append(e.runner.last_logits[0].clone())
-        toks += outs[0].new_token_ids
-    with torch.no_grad():
-        ref = tiny.hf(name)(torch.tensor([p + toks])).logits[0, len(p) - 1: len(p) + n - 1]
-    torch.testing.assert_close(torch.stack(rows), ref.float(), atol=1e-4, rtol=1e-4)
+    check_logits(e, name, prompt(19, seed=2), 12)
     all_free(e)
 
 

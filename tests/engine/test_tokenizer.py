@@ -13,15 +13,9 @@ from transformers import PreTrainedTokenizerFast
 
 from shared.engine.errors import InvalidRequestError
 from shared.engine.tokenizer import Tokenizer
+from tests.engine.corpus import CODE, MULTILINGUAL
 
-CORPUS = [
-    "Hello world! The quick brown fox jumps over the lazy dog. Numbers: 0123456789.",
-    "Grüße aus München: café, naïve, déjà vu, señor, Ærøskøbing.",
-    "你好，世界。我爱自然语言处理。こんにちは世界。안녕하세요 세계.",
-    "Привет, мир! Γειά σου Κόσμε! مرحبا بالعالم. שלום עולם.",
-    "Emoji: 🙂🚀🎉👍🏽 👨‍👩‍👧 ✨ — “quotes” and ‘single’ … done.",
-    "def f(x):\n    return x * 2  # code\n\tindented\r\nwindows",
-] * 4
+CORPUS = [*MULTILINGUAL, CODE] * 4
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
