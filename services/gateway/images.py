@@ -3,10 +3,10 @@
     "data:image/png;base64,..." --decode_data_url-->  raw bytes (size-capped: 413)
     "https://..."               --fetch_remote----->  raw bytes (timeout, streaming size cap)
     raw bytes --decode_image_bytes--> header check (format allow-list, pixel cap) -> RGB
-              -> content_hash: sha256 of RGB pixels + size, exactly as
-                 shared.engine.multimodal.content_hash (tested), so the same picture as PNG /
+              -> content_hash: shared.engine.multimodal.rgb_hash (the engine's own name for
+                 the image, torch-free), so the same picture as PNG /
                  lossless WebP / re-wrapped base64 gets the same name here, on the encoder and
-                 in the KV block hashes (computed here because the engine's imports torch)
+                 in the KV block hashes
 
 Every failure is an APIError: 400 (param "messages") for bad input, 413 for oversize.
 Decoding is CPU work: `decode_image_url` runs it in a thread.
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import io
 import re
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import aiohttp
 
 from services.gateway.errors import APIError
 from shared.engine.errors import InvalidRequestError
-from shared.engine.multimodal import load_image
+from shared.engine.multimodal import load_image, rgb_hash
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")  # decoders PIL may use on client bytes
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -59,13 +58,6 @@ def _bad(msg: str) -> APIError:
 def _too_large(n: int | str, max_bytes: int) -> APIError:
     return APIError(413, f"image is too large ({n} bytes; the limit is {max_bytes} bytes)",
                     param=_PARAM)
-
-
-def pixel_hash(rgb) -> str:
-    """sha256 hex of an RGB PIL image's size and pixels (= engine content_hash)."""
-    h = hashlib.sha256(f"rgb:{rgb.width}x{rgb.height}".encode())
-    h.update(rgb.tobytes())
-    return h.hexdigest()
 
 
 def decode_data_url(url: str, *, max_bytes: int) -> bytes:
@@ -107,7 +99,7 @@ def decode_image_bytes(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
         if w * h > limit:
             raise _bad(f"image is {w}x{h} = {w * h} pixels; the limit is {limit}")
         rgb = load_image(img)
-        digest = pixel_hash(rgb)
+        digest = rgb_hash(rgb)
     except APIError:
         raise
     except InvalidRequestError as e:

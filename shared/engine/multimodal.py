@@ -83,17 +83,22 @@ def content_hash(image) -> str:
     """Stable hex name of an image's content: sha256 of its decoded RGB pixels and size (so
     the same pixels in another file format hash the same); pixel tensors hash dtype, shape
     and bytes. Raises like load_image."""
-    h = hashlib.sha256()
     if is_tensor(image):
         import torch
 
         t = image.detach().cpu().contiguous()
+        h = hashlib.sha256()
         h.update(f"tensor:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.flatten().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
-    img = load_image(image)
-    h.update(f"rgb:{img.width}x{img.height}".encode())
-    h.update(img.tobytes())
+    return rgb_hash(load_image(image))
+
+
+def rgb_hash(rgb) -> str:
+    """sha256 hex of an RGB PIL image's size and pixels: `content_hash` of a decoded image,
+    without importing torch (the gateway names images with it)."""
+    h = hashlib.sha256(f"rgb:{rgb.width}x{rgb.height}".encode())
+    h.update(rgb.tobytes())
     return h.hexdigest()
 
 
