@@ -87,7 +87,6 @@ class Stack:
         self.state_dir = Path(cfg.state_dir).resolve()
         self.nats: EmbeddedNats | None = None
         self.children: list[Child] = []
-        self.stopping = False
 
     def _children(self, nats_url: str, model_path: Path) -> list[Child]:
         logs = self.state_dir / "logs"

@@ -15,7 +15,6 @@ import socket
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 
 ENV_PREFIX = "EPD_"
 ROLES = ("encode", "prefill", "decode", "mixed")
@@ -126,10 +125,6 @@ def to_env(cfg) -> dict[str, str]:
             v = "true" if v else "false"
         out[env_name(f.name)] = str(v)
     return out
-
-
-def default_state_dir() -> str:
-    return os.environ.get("EPD_STATE_DIR") or str(Path.cwd() / ".state")
 
 
 def require(cond: bool, name: str, msg: str) -> None:
